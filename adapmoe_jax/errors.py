@@ -1,0 +1,9 @@
+"""The error type for bad user input, reported by the command-line tools as one line."""
+
+
+class UserInputError(ValueError):
+    """Raised for input a user can fix: a bad flag, file, config or prompt.
+
+    The message names the value and says what to do. The command-line tools
+    print it on one line and exit with status 2, without a traceback.
+    """
