@@ -280,3 +280,13 @@ MIXTRAL_8X22B = MixtralConfig(
     num_hidden_layers=56, num_attention_heads=48, num_key_value_heads=8,
     head_dim=128, num_local_experts=8, num_experts_per_tok=2,
     max_position_embeddings=65536, dtype="bfloat16")
+
+# Mixtral-8x7B's layout in miniature (32 layers of 8 experts, top-2, 4 query heads
+# per KV head, rope_theta 1e6), narrow enough to train on a 2-core CPU and ship
+# as the package's default model.
+MINI_MIXTRAL = MixtralConfig(
+    vocab_size=4096, hidden_size=64, intermediate_size=96,
+    num_hidden_layers=32, num_attention_heads=4, num_key_value_heads=1,
+    head_dim=16, num_local_experts=8, num_experts_per_tok=2,
+    max_position_embeddings=1024, rms_norm_eps=1e-5, rope_theta=1e6,
+    bos_token_id=1, eos_token_id=(2,), router_aux_loss_coef=0.02)

@@ -1,0 +1,1 @@
+"""The Mixtral model: pure layer functions and the Flax module."""
