@@ -119,12 +119,48 @@ def moe_gathered(x_TD: Array, weights_TK: Array, indices_TK: Array,
     """Mixture of experts by gathering each token's K experts' weights by index.
 
     `indices_TK` index the leading axis of the weight arrays: expert ids when the
-    arrays hold all E experts of a layer, slot ids when they are a device cache.
-    The natural form at decode time, when T is 1.
+    arrays hold all E experts of a layer. The natural form at decode time, when
+    T is 1.
     """
-    w1_TKDF = w1_XDF[indices_TK]
-    w3_TKDF = w3_XDF[indices_TK]
-    w2_TKFD = w2_XFD[indices_TK]
+    return mix_selected(x_TD, weights_TK, w1_XDF[indices_TK], w3_XDF[indices_TK],
+                        w2_XFD[indices_TK])
+
+
+def moe_from_flat(x_TD: Array, weights_TK: Array, indices_TK: Array,
+                  experts_XP: Array) -> Array:
+    """Mixture of experts whose weights are flat rows [X, P], P = 3 * D * F.
+
+    Each row is one expert laid out as w1 [D, F], w3 [D, F], w2 [F, D], the
+    layout of the host expert store and of the device cache slots. Rows are
+    gathered first and split afterwards, so the whole array is never copied.
+    """
+    width = x_TD.shape[-1]
+    hidden = experts_XP.shape[-1] // (3 * width)
+    rows_TKP = experts_XP[indices_TK]
+    w1_TKDF, w3_TKDF, w2_TKFD = unflatten_experts(rows_TKP, width, hidden)
+    return mix_selected(x_TD, weights_TK, w1_TKDF, w3_TKDF, w2_TKFD)
+
+
+def unflatten_experts(rows_XP: Array, width: int, hidden: int):
+    """Split flat expert rows [..., P] into (w1 [..., D, F], w3 [..., D, F], w2 [..., F, D])."""
+    size = width * hidden
+    lead = rows_XP.shape[:-1]
+    w1 = rows_XP[..., :size].reshape(*lead, width, hidden)
+    w3 = rows_XP[..., size:2 * size].reshape(*lead, width, hidden)
+    w2 = rows_XP[..., 2 * size:].reshape(*lead, hidden, width)
+    return w1, w3, w2
+
+
+def flatten_experts(w1_XDF: Array, w3_XDF: Array, w2_XFD: Array) -> Array:
+    """Inverse of `unflatten_experts`: [..., P] rows in the order w1, w3, w2."""
+    lead = w1_XDF.shape[:-2]
+    return jnp.concatenate([w1_XDF.reshape(*lead, -1), w3_XDF.reshape(*lead, -1),
+                            w2_XFD.reshape(*lead, -1)], axis=-1)
+
+
+def mix_selected(x_TD: Array, weights_TK: Array, w1_TKDF: Array, w3_TKDF: Array,
+                 w2_TKFD: Array) -> Array:
+    """Weighted sum of each token's K experts, given those experts' weights."""
     hidden_TKF = jax.nn.silu(jnp.einsum("td,tkdf->tkf", x_TD, w1_TKDF))
     hidden_TKF = hidden_TKF * jnp.einsum("td,tkdf->tkf", x_TD, w3_TKDF)
     out_TKD = jnp.einsum("tkf,tkfd->tkd", hidden_TKF, w2_TKFD)

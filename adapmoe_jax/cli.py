@@ -1,0 +1,84 @@
+"""Shared pieces of the command-line tools: error reporting, default model and profile."""
+
+from __future__ import annotations
+
+import importlib.resources
+import os
+import sys
+from typing import Callable, Sequence
+
+from absl import app
+
+from adapmoe_jax.errors import UserInputError
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_MODEL_DIR = os.path.join(_PACKAGE_DIR, "default_model")
+DEFAULT_PROFILE_NAME = "mini-mixtral.json"
+
+
+def run(main: Callable[[Sequence[str]], None]) -> None:
+    """Run an absl `main`, reporting bad input as one `error:` line and exit status 2."""
+
+    def guarded_main(argv: Sequence[str]) -> None:
+        try:
+            main(argv)
+        except UserInputError as error:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            print("error: interrupted", file=sys.stderr)
+            sys.exit(130)
+
+    app.run(guarded_main)
+
+
+def resolve_checkpoint(path: str | None) -> str:
+    """Return the checkpoint directory to load: `path`, or the embedded default model."""
+    if path:
+        if not os.path.isdir(path):
+            raise UserInputError(
+                f"checkpoint directory not found: {path}; pass --checkpoint=DIR with a "
+                "Hugging Face Mixtral directory or the output of adapmoe_jax.convert")
+        return path
+    if not os.path.isfile(os.path.join(DEFAULT_MODEL_DIR, "config.json")):
+        raise UserInputError(
+            f"the embedded default model is missing from {DEFAULT_MODEL_DIR}; reinstall "
+            "adapmoe_jax or pass --checkpoint=DIR")
+    return DEFAULT_MODEL_DIR
+
+
+def configs_dir() -> str:
+    """Return the folder of shipped model profiles (the repository's configs/)."""
+    try:
+        installed = importlib.resources.files("adapmoe_jax.configs")
+        if installed.joinpath(DEFAULT_PROFILE_NAME).is_file():
+            return str(installed)
+    except ModuleNotFoundError:
+        pass
+    return os.path.join(os.path.dirname(_PACKAGE_DIR), "configs")
+
+
+def default_profile_path(checkpoint_dir: str) -> str | None:
+    """Return the shipped profile for `checkpoint_dir`, or None when none applies.
+
+    Only the embedded default model has a profile found without --profile.
+    """
+    if os.path.realpath(checkpoint_dir) == os.path.realpath(DEFAULT_MODEL_DIR):
+        path = os.path.join(configs_dir(), DEFAULT_PROFILE_NAME)
+        return path if os.path.isfile(path) else None
+    return None
+
+
+def read_text_file(path: str) -> str:
+    """Read a UTF-8 text file, raising UserInputError for a missing or non-UTF-8 file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise UserInputError(f"text file not found: {path}") from None
+    except IsADirectoryError:
+        raise UserInputError(f"--text_file={path} is a directory; pass a text file") from None
+    except UnicodeDecodeError as error:
+        raise UserInputError(
+            f"{path} is not UTF-8 text (invalid byte at offset {error.start}); convert it "
+            "to UTF-8 first") from None

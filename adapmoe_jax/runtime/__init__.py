@@ -1,0 +1,1 @@
+"""The offloading runtime: device expert cache, decode engines and their statistics."""
