@@ -11,7 +11,6 @@ of each slot count is measured by replaying a routing trace through LRU.
 
 from __future__ import annotations
 
-import sys
 from typing import Sequence
 
 from absl import app
@@ -19,6 +18,7 @@ from absl import flags
 import numpy as np
 
 from adapmoe_jax import allocation
+from adapmoe_jax import cli
 from adapmoe_jax import profiles
 from adapmoe_jax import simulate
 from adapmoe_jax.errors import UserInputError
@@ -89,13 +89,9 @@ def run_from_flags() -> tuple[int, ...]:
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    try:
-        run_from_flags()
-    except UserInputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_from_flags()
 
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    cli.run(main)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
-import sys
 import tempfile
 import zipfile
 from typing import Sequence
@@ -32,6 +31,7 @@ import jax
 import numpy as np
 
 from adapmoe_jax import allocation
+from adapmoe_jax import cli
 from adapmoe_jax import profiles
 from adapmoe_jax.config import MixtralConfig
 from adapmoe_jax.errors import UserInputError
@@ -205,6 +205,7 @@ def expert_bytes_of(config: MixtralConfig) -> int:
 PRESETS = {
     "mixtral-8x7b": dict(expert_bytes=3 * 4096 * 14336 * 2, bandwidth_gbps=25.0,
                          expert_compute_ms=0.2),
+    # The expert size comes from the embedded model's config.json at run time.
     "embedded": dict(expert_bytes=None, bandwidth_gbps=25.0, expert_compute_ms=0.01),
 }
 
@@ -433,7 +434,8 @@ def _define_flags() -> None:
     flags.DEFINE_enum("preset", None, sorted(PRESETS),
                       "Cost model preset. Both assume PCIe 4.0 x16 at 25 GB/s effective.")
     flags.DEFINE_string("model_config", None,
-                        "HF config.json whose expert size sets --expert_bytes.")
+                        "HF config.json whose expert size sets --expert_bytes. The "
+                        "embedded preset defaults to the embedded model's config.")
     flags.DEFINE_integer("expert_bytes", None, "Bytes of one expert's weights.")
     flags.DEFINE_float("bandwidth_gbps", None,
                        "Host-to-device bandwidth in GB/s (1e9 bytes per second, not bits).")
@@ -445,16 +447,17 @@ def _define_flags() -> None:
 
 def _cost_model_from_flags() -> CostModel | None:
     settings = dict(PRESETS[FLAGS.preset]) if FLAGS.preset else {}
-    if FLAGS.model_config:
-        settings["expert_bytes"] = expert_bytes_of(
-            MixtralConfig.from_json_file(FLAGS.model_config))
+    model_config = FLAGS.model_config
+    embedded_config = os.path.join(cli.DEFAULT_MODEL_DIR, "config.json")
+    if FLAGS.preset == "embedded" and not model_config and os.path.isfile(embedded_config):
+        model_config = embedded_config
+    if model_config:
+        settings["expert_bytes"] = expert_bytes_of(MixtralConfig.from_json_file(model_config))
     for name in ("expert_bytes", "bandwidth_gbps", "expert_compute_ms"):
         if FLAGS[name].value is not None:
             settings[name] = FLAGS[name].value
     if not settings:
         return None
-    # TODO: default the embedded preset's expert size to the shipped embedded
-    # model's config once that checkpoint is part of the package.
     missing = [name for name in ("expert_bytes", "bandwidth_gbps", "expert_compute_ms")
                if settings.get(name) is None]
     if missing:
@@ -536,13 +539,9 @@ def _report(rows, trace: RoutingTrace, cost_model: CostModel | None) -> dict:
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    try:
-        run_from_flags()
-    except UserInputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_from_flags()
 
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    cli.run(main)
