@@ -36,8 +36,8 @@ class KVCache(NamedTuple):
     def init(cls, config: MixtralConfig, batch: int, max_len: int) -> "KVCache":
         shape = (config.num_hidden_layers, batch, max_len,
                  config.num_key_value_heads, config.head_dim)
-        zeros = jnp.zeros(shape, config.jax_dtype)
-        return cls(k=zeros, v=zeros)
+        # Two separate buffers, so that both can be donated to a jitted step.
+        return cls(k=jnp.zeros(shape, config.jax_dtype), v=jnp.zeros(shape, config.jax_dtype))
 
     @property
     def max_len(self) -> int:
