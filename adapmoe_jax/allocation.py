@@ -171,9 +171,14 @@ def dp_allocation(profile: ModelProfile, cache_size: int, adapgate: bool) -> tup
 def uniform_allocation(L: int, E: int, cache_size: int) -> tuple[int, ...]:
     """Split `cache_size` slots evenly; the first C mod L layers get one slot more.
 
-    Each layer gets at most E slots, so C >= L x E gives E each.
+    Each layer gets at most E slots, so C >= L x E gives E each. Unlike the DP
+    allocation, a cache smaller than L is allowed: some layers then get no slot
+    and load every expert on demand.
     """
-    _check_cache_size(cache_size, L)
+    if isinstance(cache_size, bool) or not isinstance(cache_size, (int, np.integer)):
+        raise UserInputError(f"invalid cache size {cache_size!r}; use an integer")
+    if cache_size < 0:
+        raise UserInputError(f"invalid cache size {cache_size}; use 0 or more")
     if cache_size >= L * E:
         return (E,) * L
     base, remainder = divmod(cache_size, L)

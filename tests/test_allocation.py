@@ -148,8 +148,10 @@ def test_uniform_allocation():
     assert allocation.uniform_allocation(32, 8, 64) == (2,) * 32
     assert allocation.uniform_allocation(3, 8, 7) == (3, 2, 2)
     assert allocation.uniform_allocation(3, 2, 50) == (2, 2, 2)
-    with pytest.raises(UserInputError, match=">= 3"):
-        allocation.uniform_allocation(3, 8, 2)
+    assert allocation.uniform_allocation(3, 8, 2) == (1, 1, 0)
+    assert allocation.uniform_allocation(3, 8, 0) == (0, 0, 0)
+    with pytest.raises(UserInputError, match="-1"):
+        allocation.uniform_allocation(3, 8, -1)
 
 
 def test_empirical_cost_table():

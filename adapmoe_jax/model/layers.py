@@ -14,6 +14,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+# Routing lives with the gating policy; the model uses it from there.
+from adapmoe_jax.policies.gating import route  # noqa: F401
+
 Array = jax.Array
 
 
@@ -71,18 +74,6 @@ def grouped_query_attention(q_BTNH: Array, k_BSGH: Array, v_BSGH: Array,
     probs_BGQTS = jax.nn.softmax(scores_BGQTS, axis=-1).astype(q_BTNH.dtype)
     out_BTGQH = jnp.einsum("bgqts,bsgh->btgqh", probs_BGQTS, v_BSGH)
     return out_BTGQH.reshape(batch, num_tokens, num_heads, head_dim)
-
-
-def route(router_logits_TE: Array, k: int) -> tuple[Array, Array]:
-    """Select each token's top-k experts; returns (weights_TK float32, experts_TK int32).
-
-    Softmax over all experts in float32, top-k (ties go to the lower expert index,
-    as `jax.lax.top_k` orders them), then renormalise so the k weights sum to 1.
-    """
-    probs_TE = jax.nn.softmax(router_logits_TE.astype(jnp.float32), axis=-1)
-    top_probs_TK, experts_TK = jax.lax.top_k(probs_TE, k)
-    weights_TK = top_probs_TK / jnp.sum(top_probs_TK, axis=-1, keepdims=True)
-    return weights_TK, experts_TK.astype(jnp.int32)
 
 
 def swiglu_expert(x_XD: Array, w1_DF: Array, w3_DF: Array, w2_FD: Array) -> Array:

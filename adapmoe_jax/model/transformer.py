@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from adapmoe_jax.config import MixtralConfig
 from adapmoe_jax.model import layers
+from adapmoe_jax.policies import gating
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -132,7 +133,7 @@ def attention_block(layer: Params, config: MixtralConfig, x_BTD: Array,
 def route_layer(config: MixtralConfig, router_logits_TE: Array,
                 gate_fn: GateFn | None, threshold: Array | None):
     """Route tokens to experts, then apply the adaptive gate when one is given."""
-    weights_TK, experts_TK = layers.route(router_logits_TE, config.num_experts_per_tok)
+    weights_TK, experts_TK = gating.route(router_logits_TE, config.num_experts_per_tok)
     if gate_fn is not None:
         weights_TK = gate_fn(weights_TK, experts_TK, threshold)
     return weights_TK, experts_TK

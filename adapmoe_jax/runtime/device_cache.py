@@ -25,13 +25,6 @@ def write_slot(slots_CP: jax.Array, slot: jax.Array, expert_P: jax.Array) -> jax
     return slots_CP.at[slot].set(expert_P)
 
 
-def uniform_allocation(num_layers: int, num_experts: int, cache_size: int) -> list[int]:
-    """Spread `cache_size` slots evenly over layers, the remainder to the first layers."""
-    cache_size = min(cache_size, num_layers * num_experts)
-    base, extra = divmod(cache_size, num_layers)
-    return [base + (1 if layer < extra else 0) for layer in range(num_layers)]
-
-
 def check_allocation(slots_per_layer: list[int], num_layers: int, num_experts: int) -> None:
     if len(slots_per_layer) != num_layers:
         raise UserInputError(

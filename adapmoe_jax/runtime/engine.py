@@ -30,7 +30,8 @@ from adapmoe_jax.errors import UserInputError
 from adapmoe_jax.model import layers
 from adapmoe_jax.model import transformer
 from adapmoe_jax.policies import gating, prefetch
-from adapmoe_jax.runtime.device_cache import LayerCache, check_allocation, uniform_allocation
+from adapmoe_jax.allocation import uniform_allocation
+from adapmoe_jax.runtime.device_cache import LayerCache, check_allocation
 from adapmoe_jax.runtime.stats import ExpertStats
 
 Params = transformer.Params
