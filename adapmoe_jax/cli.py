@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.resources
+import logging as std_logging
 import os
 import sys
 from typing import Callable, Sequence
@@ -29,6 +30,8 @@ def run(main: Callable[[Sequence[str]], None]) -> None:
             print("error: interrupted", file=sys.stderr)
             sys.exit(130)
 
+    # JAX logs its search for accelerator plugins at INFO; it is noise for a user.
+    std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.WARNING)
     app.run(guarded_main)
 
 
@@ -82,3 +85,42 @@ def read_text_file(path: str) -> str:
         raise UserInputError(
             f"{path} is not UTF-8 text (invalid byte at offset {error.start}); convert it "
             "to UTF-8 first") from None
+
+
+def resolve_profile(profile_path: str | None, checkpoint_dir: str, config):
+    """Load the profile from `profile_path` or the checkpoint's shipped one; None if neither.
+
+    Raises UserInputError when the profile does not match the model's shape.
+    """
+    from adapmoe_jax import profiles
+
+    path = profile_path or default_profile_path(checkpoint_dir)
+    if path is None:
+        return None
+    profile = profiles.load_profile(path)
+    profiles.check_matches(profile, config.num_hidden_layers, config.num_local_experts)
+    return profile
+
+
+def gate_thresholds(adapgate: bool, gate_budget: float, naive_threshold: float | None,
+                    profile, num_layers: int):
+    """Return per-layer gate thresholds as a tuple, or None when gating is off.
+
+    `naive_threshold` applies one threshold to every layer; otherwise the
+    thresholds are sqrt(gate_budget / S_l) from the profile's sensitivities.
+    """
+    if gate_budget < 0:
+        raise UserInputError(f"invalid --gate_budget={gate_budget}; use 0 or more")
+    if naive_threshold is not None and naive_threshold < 0:
+        raise UserInputError(f"invalid --naive_threshold={naive_threshold}; use 0 or more")
+    if not adapgate:
+        return None
+    if naive_threshold is not None:
+        return (float(naive_threshold),) * num_layers
+    if profile is None:
+        raise UserInputError(
+            "--adapgate needs layer sensitivities and no profile was found; make one with "
+            "`python -m adapmoe_jax.calibrate --checkpoint=DIR --text_file=FILE "
+            "--output=PROFILE.json` and pass --profile=PROFILE.json, or pass "
+            "--naive_threshold=X")
+    return tuple(float(t) for t in profile.gate_thresholds(gate_budget))

@@ -43,9 +43,12 @@ class ExpertStats:
         """Return totals and per-layer lists as a JSON-ready dict.
 
         `expert_loads_per_token` divides on-demand loads by the tokens that went
-        through layer 0 (every token passes every layer once).
+        through layer 0 (every token passes every layer once), so it sums over
+        layers. `experts_per_token` is the mean over (token, layer) pairs of the
+        experts used after gating: K without gating.
         """
         tokens = int(self.tokens[0]) if len(self.tokens) else 0
+        token_layers = int(self.tokens.sum())
         hits, loads = int(self.hits.sum()), int(self.loads.sum())
         lookups = hits + loads
         issued, used = int(self.prefetches_issued.sum()), int(self.prefetches_used.sum())
@@ -55,7 +58,8 @@ class ExpertStats:
             "expert_loads_per_token": loads / tokens if tokens else 0.0,
             "cache_hits": hits,
             "cache_hit_rate": hits / lookups if lookups else 0.0,
-            "experts_per_token": (float(self.expert_uses.sum()) / tokens) if tokens else 0.0,
+            "experts_per_token": (float(self.expert_uses.sum()) / token_layers
+                                  if token_layers else 0.0),
             "single_expert_ratio": _ratio(self.single_expert_tokens, self.tokens),
             "prefetches_issued": issued,
             "prefetches_used": used,
