@@ -288,6 +288,8 @@ class OffloadedEngine:
         x_BTD = transformer.embed(self._embed_params, jnp.asarray(tokens_T[None]))
         start_pos = jnp.int32(self._pos)
         num_layers = self.config.num_hidden_layers
+        # A one-token prompt takes the decode path, so it is traced and prefetches too.
+        prefill = prefill and len(tokens_T) > 1
         token_trace = None
         if self.trace is not None and not prefill:
             token_trace = ([], [], [-np.ones(self.config.num_experts_per_tok, np.int32)])
@@ -345,14 +347,13 @@ class OffloadedEngine:
         for expert in needed:
             if cache.slot_of(expert) >= 0:
                 stats.hits[layer] += 1
-                cache.touch(expert, self._time)
+                cache.touch(expert, self._use_stamp())
                 if expert in cache.unused_prefetches:
-                    cache.unused_prefetches.discard(expert)
                     stats.prefetches_used[layer] += 1
                 continue
             started = time.perf_counter()
             row = jax.device_put(self.store.expert_flat(layer, expert), self.device)
-            slot = cache.reserve(expert, self._time, protected)
+            slot = cache.reserve(expert, self._use_stamp(), protected)
             if slot >= 0:
                 cache.write(slot, row)
             else:
@@ -362,6 +363,8 @@ class OffloadedEngine:
             stats.loads[layer] += 1
             stats.bytes_host_to_device[layer] += self.store.expert_nbytes
             stats.wait_seconds[layer] += time.perf_counter() - started
+        # A prefetch counts as used only by the step right after it.
+        cache.unused_prefetches.clear()
         if loaded:
             started = time.perf_counter()
             jax.block_until_ready(loaded)
@@ -386,7 +389,7 @@ class OffloadedEngine:
         chosen = prefetch.choose_prefetches(predicted, cache.cached_mask(), self.prefetch_count)
         protected = set(int(e) for e in predicted)
         for expert in (int(e) for e in chosen):
-            slot = cache.reserve(expert, self._time, protected)
+            slot = cache.reserve(expert, self._prefetch_stamp(), protected)
             if slot < 0:
                 continue
             row = jax.device_put(self.store.expert_flat(layer, expert), self.device)
@@ -394,6 +397,14 @@ class OffloadedEngine:
             cache.unused_prefetches.add(expert)
             self.stats.prefetches_issued[layer] += 1
             self.stats.bytes_host_to_device[layer] += self.store.expert_nbytes
+
+    # LRU stamps: a prefetch issued during step t ranks just below the uses of
+    # step t, the order the trace simulator replays.
+    def _use_stamp(self) -> int:
+        return 2 * self._time + 1
+
+    def _prefetch_stamp(self) -> int:
+        return 2 * self._time
 
     def _commit_prefetches(self, layer: int) -> None:
         cache = self.caches[layer]
