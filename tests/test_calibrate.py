@@ -12,7 +12,7 @@ from adapmoe_jax import profiles
 from adapmoe_jax import scoring
 from adapmoe_jax.config import tiny_config
 from adapmoe_jax.text.tokenizer import Tokenizer
-from test_evaluate import TEXT, write_text, write_tiny_checkpoint
+from tiny_checkpoint import TEXT, write_text, write_tiny_checkpoint
 
 CONFIG = tiny_config(num_hidden_layers=4)
 CONTEXT_LENGTH = 32
