@@ -117,6 +117,8 @@ def main(argv) -> None:
     engine = engine_lib.build_engine(
         config, params, store, FLAGS.cache_size, slots, gate,
         prefetch_count=FLAGS.prefetch_count if FLAGS.prefetch else 0)
+    # The offloaded engine keeps its own per-layer slices; drop the stacked copies.
+    del params
     if FLAGS.trace_out:
         engine.trace = engine_lib.RoutingTrace()
     logging.info("model %s: %d layers x %d experts; cache %s (%s)", checkpoint,

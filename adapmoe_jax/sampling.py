@@ -1,4 +1,4 @@
-"""Token sampling and the generation loop; neither knows which engine produces logits."""
+"""Token sampling and the generation loop, both independent of the engine behind the logits."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from adapmoe_jax.errors import UserInputError
 
 
 class Engine(Protocol):
-    """What the generation loop needs: logits [V] for a prompt, then per token."""
+    """An engine that returns float logits [V] after a prompt, then after each token."""
 
     def start(self, prompt_ids: Sequence[int], max_len: int) -> np.ndarray: ...
 
@@ -21,7 +21,7 @@ class Engine(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class SamplingSettings:
-    """How the next token is chosen.
+    """Settings that choose the next token.
 
     Attributes:
       temperature: divides the logits; 0 picks the argmax (greedy).
@@ -77,8 +77,8 @@ def generate(engine: Engine, prompt_ids: Sequence[int], max_new_tokens: int,
              on_token: Callable[[int], None] | None = None) -> GenerationResult:
     """Prefill `prompt_ids`, then sample up to `max_new_tokens`, stopping at EOS.
 
-    The EOS token is included in the result when reached. `on_token` sees every
-    new token as soon as it is chosen, for streaming.
+    The EOS token is included in the result when reached. `on_token` receives
+    every new token as soon as it is chosen, for streaming.
     """
     rng = np.random.default_rng(settings.seed)
     started = time.perf_counter()

@@ -55,12 +55,12 @@ def test_flatten_round_trip():
 
 def test_attention_mask_sliding_window():
     mask = np.asarray(layers.attention_mask(jnp.arange(5), jnp.arange(5), 3))
-    # Query 4 sees keys 2, 3, 4: a window of three including itself.
+    # Query 4 attends to keys 2, 3, 4: a window of three including itself.
     np.testing.assert_array_equal(mask[4], [False, False, True, True, True])
     np.testing.assert_array_equal(mask[1], [True, True, False, False, False])
 
 
-def test_gqa_query_head_uses_kv_head_n_div_group():
+def test_gqa_head_grouping():
     # Two KV heads, four query heads: heads 0 and 1 read KV head 0, 2 and 3 read KV head 1.
     q = jnp.ones((1, 1, 4, 2))
     k = jnp.ones((1, 3, 2, 2))

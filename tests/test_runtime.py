@@ -15,9 +15,9 @@ from model_oracle import greedy_decode, routed_model
 
 PROMPT = [1, 17, 40, 9, 88, 3, 51]
 NUM_TOKENS = 12
-# Offloaded decoding runs each layer as its own jitted call and the resident path
-# one scan; XLA may fuse reductions differently, so logits may differ in the last
-# float32 bits. Tokens must be identical.
+# Offloaded decoding runs each layer as its own jitted call, and the resident path
+# runs one scan. XLA may fuse reductions differently, so logits may differ in the
+# last float32 bits. Tokens must be identical.
 LOGIT_ATOL = 1e-6
 
 

@@ -77,7 +77,7 @@ def grouped_query_attention(q_BTNH: Array, k_BSGH: Array, v_BSGH: Array,
 
 
 def swiglu_expert(x_XD: Array, w1_DF: Array, w3_DF: Array, w2_FD: Array) -> Array:
-    """One SwiGLU expert: w2(silu(x w1) * (x w3))."""
+    """Apply one SwiGLU expert: w2(silu(x w1) * (x w3))."""
     hidden_XF = jax.nn.silu(x_XD @ w1_DF) * (x_XD @ w3_DF)
     return hidden_XF @ w2_FD
 
@@ -87,10 +87,10 @@ def moe_dense(x_TD: Array, weights_TK: Array, experts_TK: Array,
     """Mixture of experts by running every expert on every token (training, prefill).
 
     Costs E / K times the routed FLOPs but has static shapes. The routing weight
-    scales each expert's hidden activations before the down projection, which
-    is the same linear map as scaling its output and lets all E experts run as
-    two wide matmuls ([T, D] x [D, E*F] and [T, E*F] x [E*F, D]); on CPU that is
-    several times faster to differentiate than per-expert batched einsums.
+    scales each expert's hidden activations before the down projection. That is
+    the same linear map as scaling its output, and it lets all E experts run as
+    two wide matmuls ([T, D] x [D, E*F] and [T, E*F] x [E*F, D]). On CPU those
+    differentiate several times faster than per-expert batched einsums.
     Unselected and gated-off (weight 0) experts contribute exactly zero.
     """
     num_tokens, width = x_TD.shape

@@ -161,7 +161,7 @@ def _resident_forward(config, moe_impl, gated, params, tokens_BT, cache, start_p
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(5, 6))
 def _attention_and_route(config, gated, layer, next_router_DE, x_BTD, k_cache, v_cache,
                          start_pos, threshold):
-    """One layer's attention and router, plus the prediction of the next layer's experts."""
+    """Run one layer's attention and router, and predict the next layer's experts."""
     x_BTD, moe_in_BTD, logits_BTE, k_cache, v_cache = transformer.attention_block(
         layer, config, x_BTD, k_cache, v_cache, start_pos)
     moe_in_TD = moe_in_BTD.reshape(-1, moe_in_BTD.shape[-1])
@@ -331,12 +331,12 @@ class OffloadedEngine:
     # --- Loads -------------------------------------------------------------------
 
     def _ensure_resident(self, layer: int, needed: list[int]) -> dict[int, int]:
-        """Make `needed` experts usable; returns {expert: staging index} for staged ones.
+        """Make the `needed` experts usable; returns {expert: staging index} for staged ones.
 
-        Hits are touched; misses go into slots chosen by LRU (never evicting an
-        expert of `needed`) or, when the layer has no free slot, into staging.
-        The copies are on-demand loads, and the time until they are ready counts
-        as waiting.
+        A cached expert is touched. A missing one goes into the slot LRU chooses,
+        which never holds another expert of `needed`, or into staging when no slot
+        is free. These copies are on-demand loads. The time until they are ready
+        counts as waiting.
         """
         cache = self.caches[layer]
         stats = self.stats
