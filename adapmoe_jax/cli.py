@@ -102,14 +102,15 @@ def resolve_profile(profile_path: str | None, checkpoint_dir: str, config):
     return profile
 
 
-def gate_thresholds(adapgate: bool, gate_budget: float, naive_threshold: float | None,
-                    profile, num_layers: int):
+def gate_thresholds(adapgate: bool, gate_budget: float | None,
+                    naive_threshold: float | None, profile, num_layers: int):
     """Return per-layer gate thresholds as a tuple, or None when gating is off.
 
-    `naive_threshold` applies one threshold to every layer; otherwise the
-    thresholds are sqrt(gate_budget / S_l) from the profile's sensitivities.
+    `naive_threshold` applies one threshold to every layer. Otherwise the
+    thresholds are sqrt(gate_budget / S_l) from the profile's sensitivities, at
+    the profile's own budget when `gate_budget` is None.
     """
-    if gate_budget < 0:
+    if gate_budget is not None and gate_budget < 0:
         raise UserInputError(f"invalid --gate_budget={gate_budget}; use 0 or more")
     if naive_threshold is not None and naive_threshold < 0:
         raise UserInputError(f"invalid --naive_threshold={naive_threshold}; use 0 or more")

@@ -11,7 +11,7 @@ threshold in every layer, the baseline that AdapMoE compares against.
 Examples:
   python -m adapmoe_jax.evaluate --text_file=data/validation/tinystories.txt
   python -m adapmoe_jax.evaluate --checkpoint=DIR --text_file=book.txt --adapgate \
-      --profile=profile.json --gate_budget=0.005 --output_json=eval.json \
+      --profile=profile.json --gate_budget=0.002 --output_json=eval.json \
       --trace_out=trace.npz
 """
 
@@ -42,8 +42,9 @@ _DTYPE = flags.DEFINE_string(
 _ADAPGATE = flags.DEFINE_bool(
     "adapgate", False, "Gate every scored token with the profile's layer sensitivities.")
 _GATE_BUDGET = flags.DEFINE_float(
-    "gate_budget", 0.005, "Loss budget T of the adaptive gate; layer l's threshold is "
-    "sqrt(T / S_l).")
+    "gate_budget", None, "Loss budget T of the adaptive gate; layer l's threshold is sqrt(T / S_l). "
+    "Default: the profile's gate_budget, because T only has meaning relative to the "
+    "profile's sensitivity scale (0.005, the AdapMoE default, in the Mixtral profiles).")
 _NAIVE_THRESHOLD = flags.DEFINE_float(
     "naive_threshold", None, "Gate with this one weight threshold in every layer instead "
     "of the profile's sensitivities; turns gating on.")
@@ -66,7 +67,8 @@ def resolve_gate(config: MixtralConfig, checkpoint: str) -> scoring.GateSetting:
         return scoring.GateSetting.off()
     profile_path = _PROFILE.value or cli.default_profile_path(checkpoint)
     profile = scoring.load_sensitivity_profile(profile_path, config, checkpoint)
-    return scoring.GateSetting.sensitivity(profile, _GATE_BUDGET.value, profile_path)
+    budget = profile.gate_budget if _GATE_BUDGET.value is None else _GATE_BUDGET.value
+    return scoring.GateSetting.sensitivity(profile, budget, profile_path)
 
 
 def main(argv: Sequence[str]) -> None:
@@ -76,7 +78,8 @@ def main(argv: Sequence[str]) -> None:
         raise UserInputError("missing --text_file; pass the UTF-8 text file to score")
     if _MAX_TOKENS.value < 1:
         raise UserInputError(f"invalid --max_tokens={_MAX_TOKENS.value}; use a positive number")
-    scoring.check_non_negative("--gate_budget", _GATE_BUDGET.value)
+    if _GATE_BUDGET.value is not None:
+        scoring.check_non_negative("--gate_budget", _GATE_BUDGET.value)
     if _NAIVE_THRESHOLD.value is not None:
         scoring.check_non_negative("--naive_threshold", _NAIVE_THRESHOLD.value)
 

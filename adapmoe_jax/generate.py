@@ -48,8 +48,11 @@ def define_flags() -> None:
     flags.DEFINE_bool("adapgate", False, "Drop the second expert where its weight is below "
                       "the layer's sensitivity-based threshold (decode tokens).")
     flags.DEFINE_bool("gate_prefill", False, "With --adapgate, gate prompt tokens too.")
-    flags.DEFINE_float("gate_budget", 0.005, "Adaptive gating loss budget T (threshold "
-                       "sqrt(T / S_l)).")
+    flags.DEFINE_float(
+        "gate_budget", None, "Adaptive gating loss budget T; layer l's threshold is "
+        "sqrt(T / S_l). Default: the profile's gate_budget, because T only has meaning "
+        "relative to the profile's sensitivity scale (0.005, the AdapMoE default, in the "
+        "Mixtral profiles).")
     flags.DEFINE_float("naive_threshold", None, "With --adapgate, one threshold for every "
                        "layer instead of sensitivity-based ones.")
     flags.DEFINE_string("profile", None, "Model profile JSON (default: the embedded "
@@ -163,7 +166,8 @@ def main(argv) -> None:
             "text": tokenizer.decode(result.token_ids),
             "stopped_at_eos": result.stopped_at_eos,
             "settings": {"cache_size": FLAGS.cache_size, "adapgate": FLAGS.adapgate,
-                         "gate_budget": FLAGS.gate_budget,
+                         "gate_budget": (FLAGS.gate_budget if FLAGS.gate_budget is not None
+                                         else getattr(profile, "gate_budget", None)),
                          "naive_threshold": FLAGS.naive_threshold,
                          "gate_prefill": FLAGS.gate_prefill, "prefetch": FLAGS.prefetch,
                          "prefetch_count": FLAGS.prefetch_count,

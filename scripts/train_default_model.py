@@ -151,7 +151,7 @@ def evaluate(config, params, tokens, seq_len, max_tokens):
 
 
 def export(config, params, export_dir, corpus_dir):
-    """Write the model in HF Mixtral format, atomically."""
+    """Write the model in HF Mixtral format, atomically, keeping an existing NOTICE.md."""
     from adapmoe_jax.ckpt.loading import save_hf_checkpoint
 
     tmp_dir = export_dir.rstrip("/") + ".tmp"
@@ -166,6 +166,9 @@ def export(config, params, export_dir, corpus_dir):
     with open(os.path.join(tmp_dir, "generation_config.json"), "w", encoding="utf-8") as f:
         json.dump({"bos_token_id": config.bos_token_id,
                    "eos_token_id": list(config.eos_token_id)[0]}, f, indent=2)
+    notice = os.path.join(export_dir, "NOTICE.md")
+    if os.path.exists(notice):
+        shutil.copy(notice, tmp_dir)
     shutil.rmtree(export_dir, ignore_errors=True)
     os.replace(tmp_dir, export_dir)
     logging.info("exported the model to %s", export_dir)
