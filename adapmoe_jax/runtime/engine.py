@@ -253,6 +253,9 @@ class OffloadedEngine:
         self.caches = [LayerCache(s, num_experts, store.expert_size, jax_dtype, self.device)
                        for s in slots_per_layer]
         self._zero_row = jax.device_put(jnp.zeros((store.expert_size,), jax_dtype), self.device)
+        self._no_staged_KP = jax.device_put(
+            jnp.zeros((config.num_experts_per_tok, store.expert_size), jax_dtype), self.device)
+        self._threshold_scalars: dict[tuple | None, list[jax.Array]] = {}
         self._pending: list[list[tuple[int, jax.Array]]] = [[] for _ in range(num_layers)]
         self._kv: list[tuple[jax.Array, jax.Array]] = []
         self._pos = 0
@@ -295,22 +298,23 @@ class OffloadedEngine:
             token_trace = ([], [], [-np.ones(self.config.num_experts_per_tok, np.int32)])
         weights_per_layer = []
         for layer in range(num_layers):
-            threshold = jnp.float32(thresholds[layer] if gated else 0.0)
+            threshold = self._thresholds_on_device(thresholds)[layer]
             k_cache, v_cache = self._kv[layer]
             x_BTD, moe_in_TD, weights_TK, experts_TK, predicted_TK, k_cache, v_cache = (
                 _attention_and_route(self.config, gated, self._layer_params[layer],
                                      self._next_router[layer], x_BTD, k_cache, v_cache,
                                      start_pos, threshold))
             self._kv[layer] = (k_cache, v_cache)
-            weights_np = np.asarray(weights_TK)
-            experts_np = np.asarray(experts_TK)
+            # One transfer brings all three results the host needs to the host.
+            weights_np, experts_np, predicted_all = jax.device_get(
+                (weights_TK, experts_TK, predicted_TK))
             weights_per_layer.append(weights_np)
             self._commit_prefetches(layer)
             if prefill:
                 x_BTD = self._experts_for_prompt(layer, x_BTD, moe_in_TD, weights_TK,
                                                  experts_TK, weights_np, experts_np)
             else:
-                predicted_np = np.asarray(predicted_TK)[0]
+                predicted_np = predicted_all[0]
                 self._issue_prefetches(layer + 1, predicted_np)
                 x_BTD = self._experts_for_token(layer, x_BTD, moe_in_TD, weights_TK,
                                                 weights_np[0], experts_np[0])
@@ -327,6 +331,18 @@ class OffloadedEngine:
             self.trace.predicted.append(np.stack(token_trace[2]))
         logits = transformer.unembed(self._embed_params, self.config, x_BTD[:, -1:])
         return np.asarray(logits[0, -1])
+
+    def _thresholds_on_device(self, thresholds) -> list[jax.Array]:
+        """Return per-layer device scalars of `thresholds`, made once per setting.
+
+        Making a device scalar per layer and token costs an eager dispatch each,
+        a visible share of a decode step on CPU.
+        """
+        if thresholds not in self._threshold_scalars:
+            values = thresholds or (0.0,) * self.config.num_hidden_layers
+            self._threshold_scalars[thresholds] = [
+                jax.device_put(np.float32(v), self.device) for v in values]
+        return self._threshold_scalars[thresholds]
 
     # --- Loads -------------------------------------------------------------------
 
@@ -431,8 +447,11 @@ class OffloadedEngine:
                 slot_K[i], staged_K[i] = -1, staged[expert]
             else:
                 slot_K[i] = cache.slot_of(expert)
-        rows = self._staged_rows + [self._zero_row] * (k - len(self._staged_rows))
-        staged_KP = jnp.stack(rows[:k])
+        if self._staged_rows:
+            rows = self._staged_rows + [self._zero_row] * (k - len(self._staged_rows))
+            staged_KP = jnp.stack(rows[:k])
+        else:
+            staged_KP = self._no_staged_KP
         return _experts_decode(x_BTD, moe_in_TD, weights_TK, slot_K[None], staged_K[None],
                                cache.slots_CP, staged_KP)
 
