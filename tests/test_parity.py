@@ -6,8 +6,10 @@ tests need no torch. When torch and transformers are installed, the same
 comparisons also run live on a freshly initialised model.
 """
 
+import functools
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -21,18 +23,22 @@ FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 NAMES = ["gqa4", "window", "head_dim", "bf16"]
 
 
+@functools.partial(jax.jit, static_argnums=(1, 5))
+def _forward(params, config, tokens, cache, start_pos, moe_impl):
+    return transformer.forward(params, config, tokens, cache, start_pos, moe_impl=moe_impl)
+
+
 def _greedy_with_cache(params, config, prompt, num_steps):
     """Prefill, then decode greedily with the KV cache; returns (tokens, logits [steps, V])."""
     cache = transformer.KVCache.init(config, 1, len(prompt) + num_steps)
-    logits, cache, _ = transformer.forward(params, config, jnp.asarray(prompt)[None], cache, 0)
+    logits, cache, _ = _forward(params, config, jnp.asarray(prompt)[None], cache, 0, "dense")
     last = np.asarray(logits[0, -1])
     tokens, all_logits = [], []
     for step in range(num_steps):
         all_logits.append(last)
         tokens.append(int(np.argmax(last)))
-        logits, cache, _ = transformer.forward(
-            params, config, jnp.asarray([[tokens[-1]]]), cache, len(prompt) + step,
-            moe_impl="gather")
+        logits, cache, _ = _forward(params, config, jnp.asarray([[tokens[-1]]]), cache,
+                                    len(prompt) + step, "gather")
         last = np.asarray(logits[0, -1])
     return tokens, np.stack(all_logits)
 
