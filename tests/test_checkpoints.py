@@ -16,6 +16,7 @@ from adapmoe_jax.ckpt.loading import load_checkpoint, load_params, save_hf_check
 from adapmoe_jax.ckpt.safetensors_io import SafetensorsCheckpoint, SafetensorsFile
 from adapmoe_jax.config import MixtralConfig, tiny_config
 from adapmoe_jax.errors import UserInputError
+from adapmoe_jax.model import transformer
 
 REFERENCE_DIR = os.path.join(os.path.dirname(__file__), "data", "mixtral-8x7b")
 
@@ -334,9 +335,9 @@ def test_load_transformers_save_pretrained(tmp_path):
 
 
 def test_load_fused_state_dict(tmp_path):
+    model = _tiny_transformers_model()
     from safetensors.torch import save_file as torch_save_file
 
-    model = _tiny_transformers_model()
     model.config.save_pretrained(str(tmp_path))
     torch_save_file({k: v.contiguous() for k, v in model.state_dict().items()},
                     str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
@@ -346,6 +347,49 @@ def test_load_fused_state_dict(tmp_path):
     names = SafetensorsCheckpoint(str(tmp_path)).names()
     assert hf.detect_layout(names, str(tmp_path)) == hf.FUSED
     _assert_matches_transformers(params, model, config)
+
+
+def _fuse_expert_tensors(tensors, config):
+    """Rewrite per-expert HF tensors into transformers 5's fused in-memory layout."""
+    fused = {}
+    for name, value in tensors.items():
+        if ".block_sparse_moe." not in name:
+            fused[name] = value
+    for layer in range(config.num_hidden_layers):
+        old = f"model.layers.{layer}.block_sparse_moe."
+        new = f"model.layers.{layer}.mlp."
+        experts = range(config.num_local_experts)
+        # Gate half first: rows [:F] are w1, rows [F:] are w3.
+        fused[new + "experts.gate_up_proj"] = np.stack([
+            np.concatenate([tensors[f"{old}experts.{e}.w1.weight"],
+                            tensors[f"{old}experts.{e}.w3.weight"]], axis=0) for e in experts])
+        fused[new + "experts.down_proj"] = np.stack(
+            [tensors[f"{old}experts.{e}.w2.weight"] for e in experts])
+        fused[new + "gate.weight"] = tensors[old + "gate.weight"]
+    return fused
+
+
+def test_load_fused_layout_without_torch(tmp_path):
+    config = tiny_config()
+    params = jax.device_get(transformer.init_params(config, seed=7))
+    per_expert_dir = tmp_path / "per_expert"
+    save_hf_checkpoint(config, params, str(per_expert_dir))
+    source = SafetensorsFile(str(per_expert_dir / "model.safetensors"))
+    tensors = {name: np.array(source.get(name)) for name in source.keys()}
+    fused_dir = tmp_path / "fused"
+    fused_dir.mkdir()
+    config.save_hf_json(str(fused_dir / "config.json"))
+    safetensors_io.save_file(str(fused_dir / "model.safetensors"),
+                             _fuse_expert_tensors(tensors, config))
+
+    names = SafetensorsCheckpoint(str(fused_dir)).names()
+    assert hf.detect_layout(names, str(fused_dir)) == hf.FUSED
+    _, loaded = load_params(str(fused_dir))
+    for path, expected in jax.tree_util.tree_leaves_with_path(params):
+        got = loaded
+        for key in path:
+            got = got[key.key]
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(expected), err_msg=str(path))
 
 
 def test_load_tied_embeddings_has_no_lm_head(tmp_path):
