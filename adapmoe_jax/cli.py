@@ -50,15 +50,20 @@ def resolve_checkpoint(path: str | None) -> str:
     return DEFAULT_MODEL_DIR
 
 
-def configs_dir() -> str:
-    """Return the folder of shipped model profiles (the repository's configs/)."""
+def shipped_profile(name: str) -> str | None:
+    """Return the path of a shipped model profile in configs/, or None if it is missing.
+
+    configs/ installs as the namespace package `adapmoe_jax.configs`, whose
+    `files()` is a MultiplexedPath; joining a name gives a real file path.
+    """
     try:
-        installed = importlib.resources.files("adapmoe_jax.configs")
-        if installed.joinpath(DEFAULT_PROFILE_NAME).is_file():
+        installed = importlib.resources.files("adapmoe_jax.configs").joinpath(name)
+        if installed.is_file():
             return str(installed)
     except ModuleNotFoundError:
         pass
-    return os.path.join(os.path.dirname(_PACKAGE_DIR), "configs")
+    in_repository = os.path.join(os.path.dirname(_PACKAGE_DIR), "configs", name)
+    return in_repository if os.path.isfile(in_repository) else None
 
 
 def default_profile_path(checkpoint_dir: str) -> str | None:
@@ -67,8 +72,7 @@ def default_profile_path(checkpoint_dir: str) -> str | None:
     Only the embedded default model has a profile found without --profile.
     """
     if os.path.realpath(checkpoint_dir) == os.path.realpath(DEFAULT_MODEL_DIR):
-        path = os.path.join(configs_dir(), DEFAULT_PROFILE_NAME)
-        return path if os.path.isfile(path) else None
+        return shipped_profile(DEFAULT_PROFILE_NAME)
     return None
 
 
