@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from absl import app
+from absl import app, flags
 
 from adapmoe_jax.errors import UserInputError
 
@@ -32,6 +32,14 @@ def run(main: Callable[[Sequence[str]], None]) -> None:
 
     # JAX logs its search for accelerator plugins at INFO; it is noise for a user.
     std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.WARNING)
+    # Parse once here so that a bad or missing flag is one error line with status 2,
+    # like other bad input; absl's own report is a FATAL line, usage text and status 1.
+    app.define_help_flags()
+    try:
+        flags.FLAGS(sys.argv)
+    except flags.Error as error:
+        print(f"error: {error}; run with --help to list the flags", file=sys.stderr)
+        sys.exit(2)
     app.run(guarded_main)
 
 

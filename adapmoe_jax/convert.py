@@ -14,6 +14,7 @@ import time
 
 from absl import app, flags, logging
 
+from adapmoe_jax import cli
 from adapmoe_jax.ckpt import hf
 from adapmoe_jax.ckpt.converted import convert_checkpoint
 from adapmoe_jax.errors import UserInputError
@@ -53,7 +54,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
     flags.mark_flags_as_required(["hf_dir", "out_dir"])
-    app.run(main)
+    cli.run(main)
 
 
 if __name__ == "__main__":

@@ -113,6 +113,19 @@ def test_generate_bad_input(checkpoints, flags, message):
     assert result.stderr.strip().splitlines()[-1].startswith("error: ")
 
 
+@pytest.mark.parametrize("module, flags", [
+    ("adapmoe_jax.generate", ["--max_new_tokens=abc"]),
+    ("adapmoe_jax.evaluate", ["--context_length=1.5"]),
+    ("adapmoe_jax.convert", ["--hf_dir=somewhere"]),
+])
+def test_bad_flag_is_one_error_line(module, flags):
+    result = run_module(module, *flags)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert result.stderr.startswith("error: flag --")
+
+
 def test_generate_missing_checkpoint(tmp_path):
     result = run_module("adapmoe_jax.generate", f"--checkpoint={tmp_path / 'missing'}")
     assert result.returncode == 2
