@@ -38,6 +38,8 @@ def _define_flags() -> None:
                       "analytic: AdapMoE's expected-loads formula from the profile; "
                       "empirical: LRU loads per token measured on --trace.")
     flags.DEFINE_string("trace", None, "Routing trace npz for --cost=empirical.")
+    flags.DEFINE_integer("prefetch_count", 1, "With --cost=empirical, experts prefetched per "
+                         "token and layer in the replay (0 replays LRU alone).")
     flags.DEFINE_string("output", None, "Path of the allocation JSON to write.")
     flags.mark_flags_as_required(["profile", "cache_size"])
 
@@ -61,7 +63,9 @@ def cost_table_from_flags(profile: profiles.ModelProfile) -> np.ndarray:
             f"{profile.num_experts} experts; use the trace and profile of one model")
     profiles.check_matches(profile, trace.num_layers, profile.num_experts)
     layer_traces = [trace.layer_steps(layer) for layer in range(trace.num_layers)]
-    return allocation.empirical_cost_table(layer_traces, profile.num_experts)
+    predicted = [trace.predicted[:, layer] for layer in range(trace.num_layers)]
+    return allocation.empirical_cost_table(layer_traces, profile.num_experts, predicted,
+                                           FLAGS.prefetch_count)
 
 
 def format_table(slots_per_layer: Sequence[int], cost_table: np.ndarray) -> str:

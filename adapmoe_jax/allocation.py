@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from adapmoe_jax.errors import UserInputError
-from adapmoe_jax.policies import replacement
+from adapmoe_jax.policies import prefetch, replacement
 from adapmoe_jax import profiles
 from adapmoe_jax.profiles import ModelProfile
 
@@ -78,11 +78,17 @@ def analytic_cost_table(profile: ModelProfile, adapgate: bool) -> np.ndarray:
     return table
 
 
-def empirical_cost_table(trace_per_layer: Sequence[replacement.Trace], E: int) -> np.ndarray:
-    """Return the [L, E+1] table of measured LRU loads per token, where column s has s slots.
+def empirical_cost_table(trace_per_layer: Sequence[replacement.Trace], E: int,
+                         predicted_per_layer: Sequence[np.ndarray] | None = None,
+                         prefetch_count: int = 0) -> np.ndarray:
+    """Return the [L, E+1] table of measured on-demand loads per token; column s has s slots.
 
     Each layer's trace (one step per token, as `replacement.lru_loads` takes it)
-    is replayed through the LRU policy with every slot count from 0 to E.
+    is replayed through the LRU policy with every slot count from 0 to E. With
+    `predicted_per_layer` ([tokens, K] predicted ids per layer, -1 for none) and
+    `prefetch_count` > 0, each step first prefetches up to that many predicted
+    experts, as the runtime and `simulate.simulate_lru` do, and only the loads
+    the layer waits for are counted.
     """
     num_layers = len(trace_per_layer)
     if num_layers == 0:
@@ -93,8 +99,39 @@ def empirical_cost_table(trace_per_layer: Sequence[replacement.Trace], E: int) -
         if num_tokens == 0:
             raise UserInputError(f"the routing trace has no tokens at layer {layer}")
         for slots in range(E + 1):
-            table[layer, slots] = replacement.lru_loads(trace, slots) / num_tokens
+            if predicted_per_layer is None or prefetch_count == 0:
+                loads = replacement.lru_loads(trace, slots)
+            else:
+                loads = _lru_loads_with_prefetch(trace, predicted_per_layer[layer], slots, E,
+                                                 prefetch_count)
+            table[layer, slots] = loads / num_tokens
     return table
+
+
+def _lru_loads_with_prefetch(trace: replacement.Trace, predicted_TK: np.ndarray,
+                             num_slots: int, E: int, prefetch_count: int) -> int:
+    """Replay one layer through LRU with prefetching; returns its on-demand loads.
+
+    Stamps follow the runtime: the prefetch for step t gets 2t, the step's uses
+    2t + 1, and a prefetch protects the step's other predicted experts.
+    """
+    state = replacement.LruState.init(num_slots, E)
+    loads = 0
+    for step, needed in enumerate(trace):
+        predicted = [int(e) for e in predicted_TK[step] if e >= 0]
+        if num_slots and predicted:
+            chosen = prefetch.choose_prefetches(np.asarray(predicted), state.cached_mask(),
+                                                prefetch_count)
+            for expert in chosen.tolist():
+                state, _, _ = replacement.insert(state, expert, 2 * step, protected=predicted)
+        active = [int(e) for e in needed if e >= 0]
+        for expert in active:
+            if replacement.lookup(state, expert) != replacement.EMPTY:
+                state = replacement.touch(state, expert, 2 * step + 1)
+            else:
+                loads += 1
+                state, _, _ = replacement.insert(state, expert, 2 * step + 1, protected=active)
+    return loads
 
 
 def _check_cache_size(cache_size: int, num_layers: int) -> None:

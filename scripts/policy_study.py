@@ -215,8 +215,9 @@ def compare_costs(trace: simulate.RoutingTrace, profile: profiles.ModelProfile,
 
     The estimates are the analytic f(s) with the profile's p and r, the same
     formula with p and r measured on this trace, and the empirical table (LRU
-    without prefetching on this trace). The measured loads come from LRU with
-    prefetching on this trace.
+    with the same prefetching on this trace, so it matches the measurement by
+    construction, up to the per-layer replay). The measured loads come from LRU
+    with prefetching on this trace.
     """
     num_layers, num_experts = profile.num_layers, profile.num_experts
     analytic = allocation.analytic_cost_table(profile, adapgate)
@@ -253,9 +254,12 @@ def compare_costs(trace: simulate.RoutingTrace, profile: profiles.ModelProfile,
     }
 
 
-def empirical_table_of(trace: simulate.RoutingTrace, num_experts: int) -> np.ndarray:
+def empirical_table_of(trace: simulate.RoutingTrace, num_experts: int,
+                       prefetch_count: int) -> np.ndarray:
+    """Measure LRU on-demand loads per token of each layer and slot count, with prefetching."""
     layer_traces = [trace.layer_steps(layer) for layer in range(trace.num_layers)]
-    return allocation.empirical_cost_table(layer_traces, num_experts)
+    predicted = [trace.predicted[:, layer] for layer in range(trace.num_layers)]
+    return allocation.empirical_cost_table(layer_traces, num_experts, predicted, prefetch_count)
 
 
 # --- Goals ----------------------------------------------------------------------------
@@ -421,8 +425,8 @@ def _markdown_costs(cost_comparison: dict[str, Any], prefetch_count: int) -> lis
         "accuracy p and single-expert ratio r (r = 0 on the stock trace). It models "
         "prefetching through p but assumes every expert equally likely and no reuse "
         "between tokens. `analytic, trace` is the same formula with p and r measured on "
-        "the trace. `empirical` is `allocation.empirical_cost_table`, LRU loads on the "
-        "same trace without prefetching, fitted in-sample. The errors are mean absolute "
+        "the trace. `empirical` is `allocation.empirical_cost_table`, LRU on-demand loads "
+        "on the same trace with the same prefetching, fitted in-sample. The errors are mean absolute "
         "errors in loads per token over layers and slot counts. The DP allocation "
         "depends only on the differences between a layer's costs, so a constant offset "
         "in an estimate does not change the allocation.",
@@ -582,8 +586,8 @@ def run_study(settings: StudySettings, config, stock_scores: scoring.TokenScores
     stock = trace_of(stock_scores, "stock trace")
     gated = trace_of(gated_scores, "gated trace")
     logging.info("measuring the empirical cost tables")
-    empirical = {"stock": empirical_table_of(stock, num_experts),
-                 "gated": empirical_table_of(gated, num_experts)}
+    empirical = {"stock": empirical_table_of(stock, num_experts, FLAGS.prefetch_count),
+                 "gated": empirical_table_of(gated, num_experts, FLAGS.prefetch_count)}
     models = cost_models(config)
     comparisons = []
     for cache_size in settings.cache_sizes:

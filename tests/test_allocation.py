@@ -218,3 +218,38 @@ def test_allocate_cli_bad_cache_size_exits_2(tmp_path):
     assert result.stderr.startswith("error: invalid cache size 10")
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_empirical_cost_with_prefetch_matches_simulator():
+    from adapmoe_jax import simulate
+
+    rng = np.random.default_rng(3)
+    num_tokens, num_layers, num_experts = 60, 4, 8
+    experts = np.stack([np.stack([rng.choice(num_experts, 2, replace=False)
+                                  for _ in range(num_layers)]) for _ in range(num_tokens)])
+    experts[rng.random((num_tokens, num_layers)) < 0.3, 1] = -1
+    predicted = np.stack([np.stack([rng.choice(num_experts, 2, replace=False)
+                                    for _ in range(num_layers)]) for _ in range(num_tokens)])
+    predicted[:, 0] = -1
+    trace = simulate.RoutingTrace(experts=experts.astype(np.int32),
+                                  weights=np.full(experts.shape, 0.5, np.float32),
+                                  predicted=predicted.astype(np.int32))
+    table = allocation.empirical_cost_table(
+        [trace.layer_steps(layer) for layer in range(num_layers)], num_experts,
+        predicted_per_layer=[predicted[:, layer] for layer in range(num_layers)],
+        prefetch_count=1)
+    slots = (1, 3, 2, 5)
+    replayed = simulate.simulate_lru(trace, slots, num_experts, prefetch_count=1)
+    expected = sum(table[layer, s] for layer, s in enumerate(slots)) * num_tokens
+    assert round(expected) == replayed.on_demand_loads
+
+
+def test_empirical_cost_perfect_prefetch_loads_less():
+    rng = np.random.default_rng(4)
+    steps = [rng.choice(8, 2, replace=False).tolist() for _ in range(50)]
+    # Predictions equal to the experts used: prefetching can only help.
+    perfect = np.asarray(steps)
+    with_prefetch = allocation.empirical_cost_table([steps], 8, [perfect], prefetch_count=1)
+    without = allocation.empirical_cost_table([steps], 8)
+    for slots in range(1, 8):
+        assert with_prefetch[0, slots] < without[0, slots]
