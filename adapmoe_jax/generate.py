@@ -75,15 +75,15 @@ def choose_allocation(config, profile, cache_size: int, adapgate: bool):
         return None, "resident"
     has_stats = (profile is not None and profile.prefetch_accuracy is not None
                  and (profile.single_expert_ratio is not None or not adapgate))
-    wanted = FLAGS.allocation
-    if wanted == "dp" and not has_stats:
+    requested = FLAGS.allocation
+    if requested == "dp" and not has_stats:
         raise UserInputError(
             "--allocation=dp needs a profile with prefetch_accuracy (and "
             "single_expert_ratio with --adapgate); run adapmoe_jax.calibrate or pass "
             "--allocation=uniform")
-    if wanted == "auto":
-        wanted = "dp" if has_stats and cache_size >= num_layers else "uniform"
-    if wanted == "dp":
+    if requested == "auto":
+        requested = "dp" if has_stats and cache_size >= num_layers else "uniform"
+    if requested == "dp":
         return list(allocation.dp_allocation(profile, cache_size, adapgate)), "dp"
     return list(allocation.uniform_allocation(num_layers, num_experts, cache_size)), "uniform"
 

@@ -293,9 +293,11 @@ class OffloadedEngine:
         num_layers = self.config.num_hidden_layers
         # A one-token prompt takes the decode path, so it is traced and prefetches too.
         prefill = prefill and len(tokens_T) > 1
+
         token_trace = None
         if self.trace is not None and not prefill:
             token_trace = ([], [], [-np.ones(self.config.num_experts_per_tok, np.int32)])
+
         weights_per_layer = []
         for layer in range(num_layers):
             threshold = self._thresholds_on_device(thresholds)[layer]
@@ -309,6 +311,7 @@ class OffloadedEngine:
             weights_np, experts_np, predicted_all = jax.device_get(
                 (weights_TK, experts_TK, predicted_TK))
             weights_per_layer.append(weights_np)
+
             self._commit_prefetches(layer)
             if prefill:
                 x_BTD = self._experts_for_prompt(layer, x_BTD, moe_in_TD, weights_TK,
@@ -323,6 +326,7 @@ class OffloadedEngine:
                     token_trace[1].append(weights_np[0])
                     if layer + 1 < num_layers:
                         token_trace[2].append(predicted_np)
+
         self._pos += len(tokens_T)
         _count_routing(self.stats, np.stack(weights_per_layer))
         if token_trace is not None:
@@ -350,7 +354,7 @@ class OffloadedEngine:
         """Make the `needed` experts usable; returns {expert: staging index} for staged ones.
 
         A cached expert is touched. A missing one goes into the slot LRU chooses,
-        which never holds another expert of `needed`, or into staging when no slot
+        which never contains another expert of `needed`, or into staging when no slot
         is free. These copies are on-demand loads. The time until they are ready
         counts as waiting.
         """
