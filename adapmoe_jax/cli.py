@@ -33,7 +33,7 @@ def run(main: Callable[[Sequence[str]], None]) -> None:
     # JAX logs its search for accelerator plugins at INFO; it is noise for a user.
     std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.WARNING)
     # Parse once here so that a bad or missing flag is one error line with status 2,
-    # like other bad input; absl's own report is a FATAL line, usage text and status 1.
+    # like other bad input. absl's own report is a FATAL line, usage text and status 1.
     app.define_help_flags()
     try:
         flags.FLAGS(sys.argv)

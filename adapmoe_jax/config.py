@@ -52,7 +52,7 @@ class MixtralConfig:
       head_dim: H, the width of one attention head.
       num_local_experts: E, experts per layer.
       num_experts_per_tok: K, experts each token is routed to.
-      max_position_embeddings: the longest sequence, prompt plus generated tokens.
+      max_position_embeddings: the maximum sequence length, prompt plus generated tokens.
       rms_norm_eps: epsilon added to the mean square in RMSNorm.
       rope_theta: the base of the rotary position embedding frequencies.
       sliding_window: if set, a query attends only to the last `sliding_window`
@@ -260,7 +260,7 @@ def _check_unimplemented(hf: dict[str, Any]) -> None:
 # --- Named presets -----------------------------------------------------------
 
 def tiny_config(**overrides: Any) -> MixtralConfig:
-    """A few-layer model for tests: GQA ratio 2, 4 experts, top-2."""
+    """Return a few-layer model config for tests: GQA ratio 2, 4 experts, top-2."""
     base = dict(vocab_size=128, hidden_size=32, intermediate_size=48,
                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                 head_dim=8, num_local_experts=4, num_experts_per_tok=2,

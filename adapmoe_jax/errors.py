@@ -4,6 +4,6 @@
 class UserInputError(ValueError):
     """Raised for input a user can fix: a bad flag, file, config or prompt.
 
-    The message names the value and says what to do. The command-line tools
+    The message names the value and tells the user what to do next. The command-line tools
     print it on one line and exit with status 2, without a traceback.
     """

@@ -15,7 +15,7 @@ import sys
 from absl import flags, logging
 import numpy as np
 
-from adapmoe_jax import allocation, cli, profiles, sampling
+from adapmoe_jax import allocation, cli, profiles, sampling, simulate
 from adapmoe_jax.ckpt.loading import load_checkpoint
 from adapmoe_jax.errors import UserInputError
 from adapmoe_jax.runtime import engine as engine_lib
@@ -123,7 +123,7 @@ def main(argv) -> None:
     # The offloaded engine keeps its own per-layer slices; drop the stacked copies.
     del params
     if FLAGS.trace_out:
-        engine.trace = engine_lib.RoutingTrace()
+        engine.trace = engine_lib.TraceRecorder()
     logging.info("model %s: %d layers x %d experts; cache %s (%s)", checkpoint,
                  config.num_hidden_layers, config.num_local_experts,
                  slots if slots is not None else "all resident", allocation_name)
@@ -157,7 +157,7 @@ def main(argv) -> None:
           f"{stats['experts_per_token']:.2f} experts per token and layer]",
           file=sys.stderr)
     if FLAGS.trace_out and engine.trace.experts:
-        engine.trace.save(FLAGS.trace_out)
+        simulate.save_trace(engine.trace.to_trace(), FLAGS.trace_out)
     if FLAGS.output_json:
         profiles.write_json_atomic({
             "prompt": FLAGS.prompt,

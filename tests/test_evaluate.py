@@ -242,7 +242,8 @@ def test_gating_study_smoke(tiny, tmp_path):
     assert budget_zero["perplexity"] == stock["perplexity"]
     assert "| naive | 0.3 |" in (out_dir / "gating_study.md").read_text()
     if importlib.util.find_spec("matplotlib") is None:
-        assert result.returncode == 2 and "matplotlib" in result.stderr
+        assert result.returncode == 2
+        assert "matplotlib" in result.stderr
     else:
         assert result.returncode == 0, result.stderr
         assert (out_dir / "gating_study.png").stat().st_size > 0

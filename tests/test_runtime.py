@@ -128,12 +128,10 @@ def test_runtime_loads_equal_simulator_on_trace(model, prefetch_count):
     config, _, nonexpert, store, _, _ = model
     engine = engine_lib.OffloadedEngine(config, nonexpert, store, cache_size=48,
                                         prefetch_count=prefetch_count)
-    engine.trace = engine_lib.RoutingTrace()
+    engine.trace = engine_lib.TraceRecorder()
     # A one-token prompt is served like a decode step, so every step is traced.
     greedy_decode(engine, [1], 20)
-    trace = simulate.RoutingTrace(experts=np.stack(engine.trace.experts),
-                                  weights=np.stack(engine.trace.weights),
-                                  predicted=np.stack(engine.trace.predicted))
+    trace = engine.trace.to_trace()
     assert trace.experts.shape == (21, config.num_hidden_layers, 2)
     result = simulate.simulate_lru(trace, engine.slots_per_layer, config.num_local_experts,
                                    prefetch_count=prefetch_count)

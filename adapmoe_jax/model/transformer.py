@@ -92,8 +92,8 @@ def attention_block(layer: Params, config: MixtralConfig, x_BTD: Array,
     """Run a layer up to its router; returns (x_BTD, moe_input_BTD, router_logits_BTE, k, v).
 
     `x_BTD` comes back with the attention residual added. With a cache, the new
-    keys and values are written at `start_pos` and the queries attend over the
-    whole static cache under the causal mask; without one they attend over the
+    keys and values are written at `start_pos`, and the queries attend over the
+    whole static cache under the causal mask. Without one they attend over the
     T tokens given (training). The returned k, v are the updated caches, or this
     call's keys and values when no cache was given.
     """

@@ -29,6 +29,7 @@ from adapmoe_jax.config import MixtralConfig
 from adapmoe_jax.errors import UserInputError
 from adapmoe_jax.model import layers
 from adapmoe_jax.model import transformer
+from adapmoe_jax import simulate
 from adapmoe_jax.policies import gating, prefetch
 from adapmoe_jax.allocation import uniform_allocation
 from adapmoe_jax.runtime.device_cache import LayerCache, check_allocation
@@ -57,8 +58,8 @@ class GateSettings:
 
 
 @dataclasses.dataclass
-class RoutingTrace:
-    """Routing of every token an engine processed, for `--trace_out` and the simulator.
+class TraceRecorder:
+    """Routing of every decode-path token an engine processed, for `--trace_out`.
 
     Lists of per-token arrays [L, K]: `experts` (-1 where gating dropped the
     expert), `weights` (float32) and `predicted` (layer l's experts as predicted
@@ -69,22 +70,11 @@ class RoutingTrace:
     weights: list = dataclasses.field(default_factory=list)
     predicted: list = dataclasses.field(default_factory=list)
 
-    def save(self, path: str) -> None:
-        np.savez_compressed(
-            path, experts=np.asarray(self.experts, np.int32).reshape(len(self.experts), -1,
-                                                                     _k(self.experts)),
-            weights=np.asarray(self.weights, np.float32).reshape(len(self.weights), -1,
-                                                                 _k(self.weights)),
-            predicted=np.asarray(self.predicted, np.int32).reshape(len(self.predicted), -1,
-                                                                   _k(self.predicted)))
-
-
-def _k(rows) -> int:
-    return np.asarray(rows[0]).shape[-1] if rows else 1
-
-
-def _gate_fn(thresholds):
-    return None if thresholds is None else gating.gate_weights
+    def to_trace(self) -> simulate.RoutingTrace:
+        """Return the recorded tokens as the simulator's [tokens, L, K] trace."""
+        return simulate.RoutingTrace(experts=np.stack(self.experts).astype(np.int32),
+                                     weights=np.stack(self.weights).astype(np.float32),
+                                     predicted=np.stack(self.predicted).astype(np.int32))
 
 
 def _count_routing(stats: ExpertStats, weights_LTK: np.ndarray) -> None:
@@ -104,7 +94,7 @@ class ResidentEngine:
         self.params = params
         self.gate = gate
         self.stats = ExpertStats.zeros(config.num_hidden_layers)
-        self.trace: RoutingTrace | None = None
+        self.trace: TraceRecorder | None = None
         self._cache: transformer.KVCache | None = None
         self._pos = 0
 
@@ -239,7 +229,7 @@ class OffloadedEngine:
         self.slots_per_layer = slots_per_layer
         self.device = device or jax.devices()[0]
         self.stats = ExpertStats.zeros(num_layers)
-        self.trace: RoutingTrace | None = None
+        self.trace: TraceRecorder | None = None
 
         self._embed_params = {k: v for k, v in params.items() if k != "layers"}
         stacked = params["layers"]

@@ -39,7 +39,7 @@ class ExpertStats:
         fields["wait_seconds"] = np.zeros(num_layers, np.float64)
         return cls(**fields)
 
-    def summary(self, decode_tokens: int | None = None) -> dict:
+    def summary(self) -> dict:
         """Return totals and per-layer lists as a JSON-ready dict.
 
         `expert_loads_per_token` divides on-demand loads by the tokens that went
